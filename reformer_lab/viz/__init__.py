@@ -1,0 +1,1 @@
+"""Matplotlib figures used by the notebooks, one submodule per topic."""
