@@ -28,8 +28,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +39,8 @@ __all__ = [
     "attention_scores_bytes",
     "format_bytes",
     "cpu_rss_supported",
+    "max_seq_len_for_memory",
+    "peak_memory_by_length",
 ]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -198,3 +201,50 @@ def measure_peak_memory(
     if method == "profiler":
         return _peak_cpu_profiler(fn, args, kwargs)
     raise ValueError(f"method must be 'rss' or 'profiler', got {method!r}")
+
+
+def max_seq_len_for_memory(
+    memory_bytes: int,
+    batch: int = 1,
+    heads: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Return the longest L whose score matrix fits in ``memory_bytes``.
+
+    Solves batch * heads * L^2 * bytes_per_element <= memory_bytes for L. Only
+    the score matrix is counted, so a real model runs out sooner.
+    """
+    if not isinstance(memory_bytes, int) or isinstance(memory_bytes, bool) or memory_bytes < 0:
+        raise ValueError(f"memory_bytes must be a non-negative integer, got {memory_bytes!r}")
+    per_position_pair = attention_scores_bytes(1, batch=batch, heads=heads, dtype=dtype)
+    if per_position_pair == 0:
+        raise ValueError(f"batch and heads must be positive, got batch={batch}, heads={heads}")
+    length = math.isqrt(memory_bytes // per_position_pair)
+    return length
+
+
+def peak_memory_by_length(
+    attend: Callable[..., Any],
+    lengths: Sequence[int],
+    dim: int = 64,
+    *,
+    batch_shape: Tuple[int, ...] = (1,),
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device | str] = None,
+    **attend_kwargs: Any,
+) -> List[int]:
+    """Measure the peak memory, in bytes, of ``attend(q, k, v)`` for each length.
+
+    q, k and v are random ``batch_shape + (L, dim)`` tensors, made before the
+    measurement starts so they are not counted. The call runs under
+    ``torch.no_grad()`` once to warm up and once to measure.
+    """
+    results = []
+    for length in lengths:
+        shape = tuple(batch_shape) + (length, dim)
+        q, k, v = (torch.randn(shape, generator=generator).to(device or "cpu") for _ in range(3))
+        with torch.no_grad():
+            attend(q[..., :16, :], k[..., :16, :], v[..., :16, :], **attend_kwargs)
+            results.append(measure_peak_memory(attend, q, k, v, **attend_kwargs))
+        del q, k, v
+    return results
