@@ -8,4 +8,20 @@ reference. ``module``: ``LSHSelfAttention``, the ``nn.Module``.
 from .hashing import *  # noqa: F401,F403
 from .hashing import __all__ as _hashing_all
 
-__all__ = list(_hashing_all)
+from .attention import (
+    SELF_ATTENTION_LOGIT,
+    default_n_buckets,
+    factorise_n_buckets,
+    full_shared_qk_attention,
+    lsh_attention,
+)
+from .module import LSHSelfAttention
+
+__all__ = list(_hashing_all) + [
+    "lsh_attention",
+    "full_shared_qk_attention",
+    "default_n_buckets",
+    "factorise_n_buckets",
+    "SELF_ATTENTION_LOGIT",
+    "LSHSelfAttention",
+]
