@@ -77,20 +77,28 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {args.device}")
     print("| L | method | time (s) | peak memory (MiB) | time / SDPA | memory / naive |")
     print("|---:|---|---:|---:|---:|---:|")
-    generator = torch.Generator().manual_seed(0)
-    for length in args.lengths:
-        q, k, v = (torch.randn(1, length, args.dim, generator=generator).to(args.device) for _ in range(3))
-        results = {}
-        for name, attend in methods(args.causal).items():
-            step = make_step(attend, q, k, v, args.backward)
-            seconds = median_seconds(step, args.repeats)
-            peak = measure_peak_memory(step, device=args.device)
-            results[name] = (seconds, peak)
-        for name, (seconds, peak) in results.items():
-            time_ratio = seconds / results["SDPA"][0]
-            memory_ratio = peak / results["naive"][1]
-            print(f"| {length} | {name} | {seconds:.4f} | {peak / MIB:.1f} | {time_ratio:.2f} | {memory_ratio:.3f} |",
-                  flush=True)
+    # Every time is taken before any memory measurement: on the CPU the
+    # measurement leaves glibc serving large blocks by mmap, which slows later calls.
+    seconds, peaks = {}, {}
+    for phase in ("time", "memory"):
+        generator = torch.Generator().manual_seed(0)
+        for length in args.lengths:
+            # (B, H, L, d): SDPA's fused CPU kernel needs 4-D inputs; with 3-D ones
+            # PyTorch 2.13 falls back to a path that builds the score matrix.
+            shape = (1, 1, length, args.dim)
+            q, k, v = (torch.randn(shape, generator=generator).to(args.device) for _ in range(3))
+            for name, attend in methods(args.causal).items():
+                step = make_step(attend, q, k, v, args.backward)
+                if phase == "time":
+                    seconds[length, name] = median_seconds(step, args.repeats)
+                else:
+                    peaks[length, name] = measure_peak_memory(step, device=args.device)
+
+    for length, name in seconds:
+        time_ratio = seconds[length, name] / seconds[length, "SDPA"]
+        memory_ratio = peaks[length, name] / peaks[length, "naive"]
+        print(f"| {length} | {name} | {seconds[length, name]:.4f} | {peaks[length, name] / MIB:.1f} | "
+              f"{time_ratio:.2f} | {memory_ratio:.3f} |")
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def chunked_attention(
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
     query_chunk_size: int = 1024,
-    key_chunk_size: int = 4096,
+    key_chunk_size: int = 1024,
 ) -> Tensor:
     """Compute softmax(q k^T / sqrt(d)) v one block of queries and keys at a time.
 

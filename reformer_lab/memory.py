@@ -15,7 +15,9 @@ Two measurements, one per device:
   usually well under 1 MiB. It counts everything the process touches,
   including allocator overhead and memory outside PyTorch.
   The first call of an operator also maps its code into memory, so warm the
-  call up once before measuring it.
+  call up once before measuring it. The mmap setting stays for the rest of
+  the process and makes later large allocations slower (a page fault per
+  fresh block), so take timings before the first memory measurement.
 * CPU, method ``"profiler"`` (fallback where ``/proc`` is missing): the
   PyTorch profiler's record of CPU tensor allocations and frees, replayed in
   time order. Its resolution is one operator: a temporary that an operator
