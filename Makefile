@@ -13,8 +13,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(VENV)/.installed
 
+# Jupyter refuses to run as root (containers, some cloud machines) unless told to.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_FLAGS) notebooks/
 
 # Unit and property tests, then every notebook under nbval.
 test: install
