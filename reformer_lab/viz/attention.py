@@ -13,6 +13,18 @@ __all__ = ["plot_memory_against_length", "plot_time_against_length", "plot_atten
 _MIB = 1024 * 1024
 
 
+def _finish_log_log(figure: plt.Figure, axes: plt.Axes, ylabel: str, title: str) -> plt.Figure:
+    """Label a log-log plot against sequence length and lay the figure out."""
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("sequence length L")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
 def plot_memory_against_length(
     lengths: Sequence[int],
     measured: Dict[str, Sequence[Optional[int]]],
@@ -35,14 +47,7 @@ def plot_memory_against_length(
     if budget_bytes is not None:
         axes.axhline(budget_bytes / _MIB, color="grey", linewidth=0.8)
         axes.annotate("budget", (lengths[0], budget_bytes / _MIB), va="bottom", color="grey")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("sequence length L")
-    axes.set_ylabel("MiB")
-    axes.set_title(title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    return figure
+    return _finish_log_log(figure, axes, "MiB", title)
 
 
 def plot_time_against_length(
@@ -56,14 +61,7 @@ def plot_time_against_length(
     for label, values in seconds.items():
         points = [(L, s) for L, s in zip(lengths, values) if s is not None]
         axes.plot(*zip(*points), marker="o", label=label)
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("sequence length L")
-    axes.set_ylabel("seconds")
-    axes.set_title(title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    return figure
+    return _finish_log_log(figure, axes, "seconds", title)
 
 
 def plot_attention_pattern(
