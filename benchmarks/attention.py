@@ -83,8 +83,8 @@ def main() -> None:
     for phase in ("time", "memory"):
         generator = torch.Generator().manual_seed(0)
         for length in args.lengths:
-            # (B, H, L, d): SDPA's fused CPU kernel needs 4-D inputs; with 3-D ones
-            # PyTorch 2.13 falls back to a path that builds the score matrix.
+            # (B, H, L, d), because SDPA's fused CPU kernel needs 4-D inputs. With
+            # 3-D ones PyTorch 2.13 falls back to a path that builds the score matrix.
             shape = (1, 1, length, args.dim)
             q, k, v = (torch.randn(shape, generator=generator).to(args.device) for _ in range(3))
             for name, attend in methods(args.causal).items():

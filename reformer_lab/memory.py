@@ -6,10 +6,10 @@ Two measurements, one per device:
   (``torch.cuda.reset_peak_memory_stats`` / ``torch.cuda.max_memory_allocated``),
   exact to the byte for tensors allocated on that device.
 * CPU, method ``"rss"`` (default on Linux): the peak resident set size of this
-  process. Before the call, free heap memory is handed back to the operating
-  system (``malloc_trim``), blocks of 64 KiB and more are served by ``mmap`` so
-  that freeing them lowers the resident size again (``mallopt``), and the
-  kernel's high-water mark is reset (``/proc/self/clear_refs``). The result is
+  process. Before the call, free heap memory is returned to the operating
+  system (``malloc_trim``). Blocks of 64 KiB and more are then served by
+  ``mmap`` (``mallopt``), so freeing them lowers the resident size again.
+  Last, the kernel's high-water mark is reset (``/proc/self/clear_refs``). The result is
   ``VmHWM - VmRSS`` read from ``/proc/self/status``. Resolution: one page
   (4 KiB) plus whatever other threads of the process allocate meanwhile,
   usually well under 1 MiB. It counts everything the process touches,

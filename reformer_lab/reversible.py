@@ -25,7 +25,7 @@ dropout masks and the same LSH rotations. Recorded are torch's CPU generator,
 the CUDA generator of the inputs' device when they are on a GPU, and any
 ``torch.Generator`` passed to F or G through ``f_kwargs`` / ``g_kwargs``.
 
-NOTE: the recompute sees the rebuilt inputs, which differ from the forward
+NOTE: the recompute runs on the rebuilt inputs, which differ from the forward
 pass's inputs by rounding. A hash that lies within that rounding of an LSH
 bucket boundary can land in another bucket in the recompute, and the
 gradients for that position then differ from ordinary backpropagation's.
